@@ -166,7 +166,8 @@ def format_plan(spec: StudySpec, plan: StudyPlan) -> str:
     if scheduler == "hyperband":
         for bracket in plan.brackets:
             rungs = ", ".join(f"{rung.trials} x {rung.epochs} ep" for rung in bracket.rungs)
-            lines.append(f"  bracket s={bracket.index}: {bracket.trials} trials; rungs {rungs}; {bracket.epochs} epochs")
+            noun = "trial" if bracket.trials == 1 else "trials"
+            lines.append(f"  bracket s={bracket.index}: {bracket.trials} {noun}; rungs {rungs}; {bracket.epochs} epochs")
     lines.append(f"  about {plan.tuning_epochs_per_cell} trial epochs per cell, {plan.tuning_epochs} in all (estimate)")
     lines.append(
         f"retraining: {plan.retrains_per_cell} runs per cell (eta {list(spec.retrain.noise_levels)} x seeds "
