@@ -30,7 +30,13 @@ def postgres_database(prefix: str = "hpo_test") -> Iterator[str]:
     try:
         yield f"{SERVER_URL}/{name}"
     finally:
-        # MLflow keeps pooled connections open; FORCE ends them (PostgreSQL 13 or newer).
+        # MLflow keeps one engine per URI for the life of the process: close its pool, and
+        # force the drop because another connection may still be open (PostgreSQL 13+).
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        cached = getattr(SqlAlchemyStore, "_engine_map", {}).pop(f"{SERVER_URL}/{name}", None)
+        if cached is not None:
+            cached.dispose()
         with admin.connect() as connection:
             connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()

@@ -5,9 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from orchestrator.errors import SpecError, TrackingError
+from tests.postgres import postgres_database
 from orchestrator.export import (
     Table2,
     build_table,
@@ -29,7 +28,6 @@ from orchestrator.export import (
 
 STUDY = "demo-study"
 # Server for the PostgreSQL test; the admin database "test" creates and drops the test one
-POSTGRES_SERVER = os.environ.get("HPO_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 
 # Fully tuned cells: 3 seeds at two noise rates each
 FULL_CELLS = [
@@ -479,34 +477,8 @@ def test_export_empty_study(sqlite_store, tmp_path):
 
 @pytest.fixture(scope="module")
 def postgres_uri():
-    sqlalchemy = pytest.importorskip("sqlalchemy")
-    from sqlalchemy.exc import OperationalError
-
-    admin = sqlalchemy.create_engine(
-        f"{POSTGRES_SERVER}/test", isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
-    )
-    try:
-        connection = admin.connect()
-    except OperationalError as err:
-        admin.dispose()
-        reason = str(err.orig).strip().splitlines()[0]
-        pytest.skip(f"PostgreSQL at {POSTGRES_SERVER} is not reachable ({reason}); start it to run this test")
-    name = f"hpo_export_{uuid.uuid4().hex[:12]}"
-    connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    uri = f"{POSTGRES_SERVER}/{name}"
-    try:
+    with postgres_database("hpo_export") as uri:
         yield uri
-    finally:
-        # MLflow keeps one engine per URI for the life of the process. Close its pool, and
-        # force the drop because another connection may still be open.
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        cached = getattr(SqlAlchemyStore, "_engine_map", {}).pop(uri, None)
-        if cached is not None:
-            cached.dispose()
-        connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        connection.close()
-        admin.dispose()
 
 
 def test_export_from_postgresql(postgres_uri, tmp_path):
