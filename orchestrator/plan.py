@@ -1,4 +1,4 @@
-"""What a study would do, computed without training: cells, brackets, epochs per phase.
+"""Study plans computed without training: cells, Hyperband brackets, epochs per phase.
 
 The Hyperband arithmetic follows Li et al., "Hyperband: A Novel Bandit-Based Approach to
 Hyperparameter Optimization", JMLR 2018. Symbols: R = ``max_epochs`` (maximum budget of a
@@ -63,7 +63,7 @@ def successive_halving(trials: int, max_epochs: int, reduction_factor: float, in
 def hyperband_brackets(num_samples: int, max_epochs: int, reduction_factor: float) -> list[Bracket]:
     """Distribute ``num_samples`` trials over Hyperband brackets, most exploratory first.
 
-    Bracket s holds ceil((s_max + 1) / (s + 1) * eta**s) trials; when the samples run out,
+    Bracket s contains ceil((s_max + 1) / (s + 1) * eta**s) trials; when the samples run out,
     the last bracket is partly filled. Brackets repeat when there are more samples than one
     round holds. This is the schedule of the paper; Ray Tune's scheduler fills brackets in
     the same order but may place a paused trial differently, so the epoch count is an
@@ -121,7 +121,7 @@ class StudyPlan:
 
     @property
     def epoch_equivalents(self) -> float:
-        """Total work in epochs over the full training set (a tuning epoch sees 1 - f of it)."""
+        """Total work in epochs over the full training set; a tuning epoch covers 1 - f of it."""
         return self.tuning_epochs * (1 - self.validation_fraction) + self.retrain_epochs_total
 
 
