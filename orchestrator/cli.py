@@ -3,17 +3,23 @@
 Every error the service raises on purpose (``HpoError``) is printed as one line on
 standard error, and the process exits with the error's exit code: 2 for bad input found
 before any work started, 1 for work that failed. ``--verbose`` adds the traceback.
+
+Commands that run a study (``run``, ``resume``) turn SIGINT and SIGTERM into a clean stop.
+The runs in progress are marked KILLED and the Ray instance the study started is shut down.
+The command prints how to resume and exits with 130 (SIGINT) or 143 (SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from orchestrator.errors import HpoError
+from orchestrator.reliability import StopSignals, StudyInterrupted
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    stop_signals = StopSignals() if getattr(args, "stop_signals", False) else contextlib.nullcontext()
     try:
-        return int(args.handler(args) or 0)
+        with stop_signals:
+            return int(args.handler(args) or 0)
+    except StudyInterrupted as err:
+        print(f"hpo {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
     except HpoError as err:
         if args.verbose:
             logger.exception("command failed")

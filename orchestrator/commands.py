@@ -25,14 +25,14 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("study", help="study file (YAML)")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run of this study instead of refusing to start")
-    run.set_defaults(handler=handle_run)
+    run.set_defaults(handler=handle_run, stop_signals=True)
 
     resume = subparsers.add_parser(
         "resume", help="continue an interrupted study from its directory",
         description="Continue the study whose directory (with study.json) is given.",
     )
     resume.add_argument("directory", help="study directory, e.g. runs/fashion-mnist-demo")
-    resume.set_defaults(handler=handle_resume)
+    resume.set_defaults(handler=handle_resume, stop_signals=True)
 
     plan = subparsers.add_parser(
         "plan", help="print what a run would do, without training",
