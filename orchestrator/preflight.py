@@ -101,6 +101,9 @@ def connect_ray(spec: StudySpec) -> None:
     address = spec.cluster.address
     kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
     if address is None and "RAY_ADDRESS" not in os.environ:
+        # "local" starts a private instance; without it Ray would join any cluster that
+        # another program started on this machine (recorded under /tmp/ray).
+        address = "local"
         kwargs["include_dashboard"] = False
     try:
         ray.init(address=address, **kwargs)

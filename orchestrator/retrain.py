@@ -30,7 +30,6 @@ from trainables.train import CHECKPOINT_FILE, TrainingSetup, retrain
 
 logger = logging.getLogger(__name__)
 
-HISTORY_FILE = "history.pt"
 # Seconds between two checks for a stop request while retrains run.
 WAIT_INTERVAL_S = 1.0
 
@@ -85,29 +84,19 @@ def _run_retrain(job: RetrainJob, data, retrain_function: Callable[..., dict[str
 
 
 def repair_checkpoint(directory: str | os.PathLike) -> None:
-    """Make a retrain checkpoint directory consistent before a retrain continues from it.
+    """Remove a retrain checkpoint that cannot be read, so the retrain starts afresh.
 
-    ``retrain`` writes the epoch history before the trainer state, so a process killed
-    between the two leaves one history entry too many, and one killed while writing
-    leaves an unreadable file. Extra entries are cut to the trainer's epoch; an unreadable
-    checkpoint is removed, so the retrain starts from its first epoch.
+    ``Trainer.save`` replaces its file atomically, so only a damaged disk or a file from
+    another version of the service makes a checkpoint unreadable.
     """
     trainer_path = Path(directory) / CHECKPOINT_FILE
-    history_path = Path(directory) / HISTORY_FILE
     if not trainer_path.exists():
         return
     try:
-        epoch = int(torch.load(trainer_path, map_location="cpu", weights_only=False)["epoch"])
-        history = torch.load(history_path, weights_only=False)
+        torch.load(trainer_path, map_location="cpu", weights_only=False)["epoch"]
     except Exception as err:  # any unreadable file means the checkpoint cannot be used
         logger.warning("retrain checkpoint %s is unreadable (%s); starting from the first epoch", directory, err)
         trainer_path.unlink(missing_ok=True)
-        history_path.unlink(missing_ok=True)
-        return
-    if len(history) > epoch:
-        logger.warning("retrain checkpoint %s has %d epochs of history for %d trained; cutting the extra",
-                       directory, len(history), epoch)
-        torch.save(history[:epoch], history_path)
 
 
 def run_retrains(

@@ -323,17 +323,23 @@ class Trainer:
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write the state into ``directory`` atomically."""
+    def save(self, directory: str | os.PathLike, extra: Any = None) -> None:
+        """Write the state, and ``extra`` data beside it, into ``directory`` atomically.
+
+        One file holds both, so a process killed while saving leaves the previous
+        checkpoint whole and never a state and an ``extra`` from different epochs.
+        """
         path = os.path.join(directory, CHECKPOINT_FILE)
         partial = path + ".partial"
-        torch.save(self.state_dict(), partial)
+        torch.save({**self.state_dict(), "extra": extra}, partial)
         os.replace(partial, path)
 
-    def load(self, directory: str | os.PathLike) -> None:
-        """Restore the state that ``save`` wrote into ``directory``."""
+    def load(self, directory: str | os.PathLike) -> Any:
+        """Restore the state that ``save`` wrote into ``directory`` and return its ``extra``."""
         path = os.path.join(directory, CHECKPOINT_FILE)
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.load_state_dict(state)
+        return state.get("extra")
 
 
 def run_epoch(
@@ -447,8 +453,7 @@ def retrain(
     trainer = Trainer(run_setup, hyperparameters)
     history: list[dict[str, Any]] = []
     if checkpoint_dir is not None and os.path.exists(os.path.join(checkpoint_dir, CHECKPOINT_FILE)):
-        trainer.load(checkpoint_dir)
-        history = torch.load(os.path.join(checkpoint_dir, "history.pt"), weights_only=False)
+        history = trainer.load(checkpoint_dir) or []
         logger.info("retrain resumed at epoch %d from %s", trainer.epoch, checkpoint_dir)
     train, test = place_data(trainer, data, train_labels=noisy_labels)
 
@@ -461,8 +466,7 @@ def retrain(
         diverged = result.diverged
         if checkpoint_dir is not None:
             os.makedirs(checkpoint_dir, exist_ok=True)
-            torch.save(history, os.path.join(checkpoint_dir, "history.pt"))
-            trainer.save(checkpoint_dir)
+            trainer.save(checkpoint_dir, extra=history)
         if on_epoch is not None:
             on_epoch(result)
 
