@@ -47,6 +47,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     export.add_argument("study", help="study file (YAML) whose tracking store and name are used")
     export.add_argument("--out", help="output directory (default: <study dir>/export)")
+    export.add_argument("--tracking-uri",
+                        help="read from this MLflow tracking URI instead of the study's own, e.g. "
+                             "the published address of a cluster's MLflow server")
     export.add_argument("--compare-paper", action="store_true",
                         help="add the published value and the difference to each cell")
     export.set_defaults(handler=handle_export)
@@ -109,8 +112,8 @@ def handle_export(args: argparse.Namespace) -> int:
 
     spec = load_study(args.study)
     out_dir = Path(args.out) if args.out else Path(spec.study_directory) / "export"
-    result = export_study(spec.resolved_tracking_uri, spec.experiment_name, spec.name, out_dir,
-                          compare_paper=args.compare_paper)
+    uri = args.tracking_uri or spec.resolved_tracking_uri
+    result = export_study(uri, spec.experiment_name, spec.name, out_dir, compare_paper=args.compare_paper)
     for kind, path in sorted(result.paths.items()):
         print(f"{kind}: {path}")
     return 0

@@ -136,6 +136,12 @@ def test_tiny_study_sqlite(local_ray, tmp_path, monkeypatch):
     check_study_record(f"sqlite:///{study_dir}/mlflow.db", name, study_dir)
     assert_no_stray_mlruns(tmp_path, Path.cwd(), Path(__file__).resolve().parents[2])
 
+    # Exporting again from an explicit tracking URI gives the same table.
+    out_dir = tmp_path / "again"
+    uri = f"sqlite:///{study_dir}/mlflow.db"
+    assert main(["export", str(study_path), "--tracking-uri", uri, "--out", str(out_dir), "--compare-paper"]) == 0
+    assert (out_dir / "table2.json").read_text() == (study_dir / "export" / "table2.json").read_text()
+
 
 def test_tiny_study_postgresql(local_ray, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
