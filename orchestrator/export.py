@@ -23,9 +23,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from orchestrator.errors import SpecError, TrackingError
+from orchestrator.tracking import redact_uri
 
 __all__ = [
     "DATASET_ORDER",
@@ -183,7 +183,7 @@ def load_retrain_results(
 
     # Check the store first, because MLflow retries an unreachable database for ~100 s
     shown_uri = redact_uri(tracking_uri)
-    check_store_reachable(tracking_uri)
+    check_store_readable(tracking_uri)
 
     # Find the experiment
     with _tracking_errors(f"reading experiment {experiment!r} from {shown_uri}"):
@@ -239,8 +239,8 @@ def load_retrain_results(
     return list(latest.values())
 
 
-def check_store_reachable(tracking_uri: str) -> None:
-    """Check that a database-backed tracking store accepts connections, without retries.
+def check_store_readable(tracking_uri: str) -> None:
+    """Check that a database-backed tracking store exists and accepts connections, without retries.
 
     MLflow (3.17, ``create_sqlalchemy_engine_with_retry``) retries a failing database
     connection 10 times with exponential backoff, about 100 seconds in all, before it
@@ -300,16 +300,6 @@ _STORE_PROBES: dict[str, Callable[[str], None]] = {
     "postgresql": _probe_server_database,
     "mysql": _probe_server_database,
 }
-
-
-def redact_uri(uri: str) -> str:
-    """Return ``uri`` with its password, if any, replaced by ``***``."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}{port}"))
 
 
 @contextmanager

@@ -39,6 +39,7 @@ from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from orchestrator.errors import TrackingError
 from orchestrator.reliability import (
@@ -110,7 +111,7 @@ def check_store_reachable(uri: str, timeout: float = 10.0) -> None:
         except sqlalchemy.exc.SQLAlchemyError as err:
             reason = str(err.orig if getattr(err, "orig", None) else err).strip().splitlines()[0]
             raise TrackingError(
-                f"cannot connect to the tracking store {_redact(uri)}: {reason}; "
+                f"cannot connect to the tracking store {redact_uri(uri)}: {reason}; "
                 "check tracking.uri and that the database server runs"
             ) from err
         finally:
@@ -123,12 +124,12 @@ def check_store_reachable(uri: str, timeout: float = 10.0) -> None:
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise TrackingError(
-                f"cannot reach the MLflow server at {_redact(uri)}: {reason}; "
+                f"cannot reach the MLflow server at {redact_uri(uri)}: {reason}; "
                 "check tracking.uri and that 'mlflow server' runs there"
             ) from err
         return
     raise TrackingError(
-        f"unsupported tracking URI {_redact(uri)}; use sqlite:///PATH, "
+        f"unsupported tracking URI {redact_uri(uri)}; use sqlite:///PATH, "
         "postgresql://USER@HOST/DB or http://HOST:PORT of an MLflow server"
     )
 
@@ -141,14 +142,14 @@ def _connect_timeout(uri: str, timeout: float) -> dict[str, Any]:
     return {}
 
 
-def _redact(uri: str) -> str:
-    """Hide a password in a URI before it is printed or logged."""
-    if "@" not in uri or "://" not in uri:
+def redact_uri(uri: str) -> str:
+    """Return ``uri`` with its password, if any, replaced by ``***``."""
+    parts = urlsplit(uri)
+    if parts.password is None:
         return uri
-    scheme, rest = uri.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else uri
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}{port}"))
 
 
 def package_versions() -> dict[str, str]:
@@ -259,7 +260,7 @@ class Tracker:
             return self.client.create_experiment(name, artifact_location=location)
         except MlflowException as err:
             raise TrackingError(
-                f"cannot open experiment '{name}' in {_redact(self.uri)}: {err.message}; "
+                f"cannot open experiment '{name}' in {redact_uri(self.uri)}: {err.message}; "
                 "check tracking.uri and that the store's schema is current (mlflow db upgrade)"
             ) from err
 
@@ -311,7 +312,7 @@ class Tracker:
         if self._pending:
             where = self.journal.path if self.journal is not None else "memory only: they are lost"
             logger.error("%d tracking writes could not be delivered to %s; kept in %s",
-                         len(self._pending), _redact(self.uri), where)
+                         len(self._pending), redact_uri(self.uri), where)
 
     def run_id(self, run: str) -> str:
         """Return the MLflow run id of ``run`` (an id or a ``pending:`` reference)."""
@@ -324,7 +325,7 @@ class Tracker:
             return run
         key = run[len(PENDING_PREFIX):]
         if key not in self._run_ids:
-            raise TrackingError(f"run reference {run} was never created in {_redact(self.uri)}; "
+            raise TrackingError(f"run reference {run} was never created in {redact_uri(self.uri)}; "
                                 "resume the study to create its runs again")
         return self._run_ids[key]
 
@@ -399,12 +400,12 @@ class Tracker:
             self._last_warning = now
             logger.warning(
                 "tracking store %s unreachable (%s); buffering %d writes and retrying for up to %.0f s",
-                _redact(self.uri), reason, len(self._pending), self.policy.limit_s,
+                redact_uri(self.uri), reason, len(self._pending), self.policy.limit_s,
             )
         elif now - self._last_warning >= WARNING_INTERVAL_S:
             self._last_warning = now
             logger.warning("tracking store %s still unreachable after %.0f s (%s); %d writes waiting",
-                           _redact(self.uri), now - self._outage_since, reason, len(self._pending))
+                           redact_uri(self.uri), now - self._outage_since, reason, len(self._pending))
         self._failures += 1
         self._next_attempt = now + self.policy.delay(self._failures)
 
@@ -412,7 +413,7 @@ class Tracker:
         if self._outage_since is not None:
             logger.warning(
                 "tracking store %s reachable again after %.0f s; delivering %d buffered writes",
-                _redact(self.uri), elapsed_since(self._outage_since), len(self._pending),
+                redact_uri(self.uri), elapsed_since(self._outage_since), len(self._pending),
             )
         self._outage_since = None
         self._failures = 0
@@ -424,12 +425,12 @@ class Tracker:
             logger.error("dropping a journaled tracking write that the store rejects: %s", description)
             self.dropped.append(description)
             return
-        raise TrackingError(f"the tracking store {_redact(self.uri)} rejected {description}") from error
+        raise TrackingError(f"the tracking store {redact_uri(self.uri)} rejected {description}") from error
 
     def _unavailable_error(self) -> TrackingUnavailableError:
         kept = self.journal.path if self.journal is not None else "memory"
         return TrackingUnavailableError(
-            f"tracking store {_redact(self.uri)} unreachable for {elapsed_since(self._outage_since):.0f} s "
+            f"tracking store {redact_uri(self.uri)} unreachable for {elapsed_since(self._outage_since):.0f} s "
             f"(limit {self.policy.limit_s:.0f} s, set {OUTAGE_LIMIT_ENV} to wait longer); "
             f"{len(self._pending)} writes are kept in {kept}; resume the study once the store responds"
         )
@@ -448,7 +449,7 @@ class Tracker:
             except Exception as err:
                 if not is_transient_tracking_error(err):
                     raise TrackingError(
-                        f"cannot read {description} from {_redact(self.uri)}: {_short_error(err)}"
+                        f"cannot read {description} from {redact_uri(self.uri)}: {_short_error(err)}"
                     ) from err
                 self._note_failure(err)
                 if self.outage_exceeded() or not wait:
