@@ -2,7 +2,7 @@
 
 Only the driver process logs. Trials and retrain tasks return plain results, and the
 Tune callback and the retrain collector hand them to a ``Tracker`` here. So workers need no
-MLflow access, a SQLite store never sees two writers, and a dead worker cannot leave a run
+MLflow access, a SQLite store never has two writers, and a dead worker cannot leave a run
 RUNNING.
 
 Run hierarchy (one experiment per study):
@@ -84,7 +84,7 @@ def is_database_uri(uri: str) -> bool:
 
 
 def check_store_reachable(uri: str, timeout: float = 10.0) -> None:
-    """Raise TrackingError unless the tracking store at ``uri`` answers within ``timeout`` s.
+    """Raise TrackingError unless the tracking store at ``uri`` responds within ``timeout`` s.
 
     SQLite needs a writable directory; other databases must accept a connection; an MLflow
     server must answer its ``/health`` endpoint. The check is done here, quickly, because
@@ -670,7 +670,7 @@ APPLIERS: dict[str, Any] = {
     "log_dict": Tracker._apply_log_dict,
     "log_artifact": Tracker._apply_log_artifact,
 }
-"""How each kind of buffered write is delivered, by its ``op`` name."""
+"""Delivery functions of the buffered writes, keyed by their ``op`` name."""
 
 
 def _now_ms() -> int:
