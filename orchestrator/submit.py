@@ -78,6 +78,10 @@ __all__ = [
 STUDY_METADATA_KEY = "hpo.study"
 STUDY_FILE_METADATA_KEY = "hpo.study_file"
 JOB_ID_VARIABLE = "HPO_RAY_JOB_ID"
+# Ray's job supervisor sends SIGTERM on a stop and SIGKILL this many seconds later (3 by
+# default in Ray 2.60). Marking runs KILLED and shutting trials down takes longer, so the
+# grace period is raised; it must stay below STOP_TIMEOUT_S so that `hpo stop` sees the end.
+STOP_GRACE_S = 45
 
 # Sources of the address and the token, in the order they are tried.
 ADDRESS_VARIABLE = "RAY_ADDRESS"
@@ -476,7 +480,11 @@ def build_runtime_env(working_dir: Path, submission_id: str) -> dict[str, Any]:
         "working_dir": str(working_dir),
         "py_modules": [str(directory) for directory in package_directories()],
         "excludes": list(UPLOAD_EXCLUDES),
-        "env_vars": {JOB_ID_VARIABLE: submission_id, "PYTHONUNBUFFERED": "1"},
+        "env_vars": {
+            JOB_ID_VARIABLE: submission_id,
+            "PYTHONUNBUFFERED": "1",
+            "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S),
+        },
     }
 
 

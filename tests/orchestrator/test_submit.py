@@ -2,7 +2,8 @@
 
 The cluster tests share one Ray head per module (``tests/cluster_fixtures.py``), started
 with token authentication on free ports. The end-to-end test joins a second node and
-runs a tiny study through the whole service, with an MLflow server on PostgreSQL.
+runs a tiny study through the whole service, with an MLflow server on PostgreSQL. The
+stop test stops a study in the middle of tuning and checks what it leaves behind.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import requests
@@ -33,6 +35,8 @@ from tests.cluster_fixtures import LocalRayCluster, free_ports, ray_head, ray_tw
 from tests.postgres import postgres_database
 
 REPOSITORY = Path(__file__).resolve().parents[2]
+
+T = TypeVar("T")
 
 # A tiny study: 1 cell, 4 trials of at most 3 epochs, 2 noise levels x 2 seeds.
 SMALL_STUDY = {
@@ -70,7 +74,11 @@ def write_study(directory: Path, name: str, tracking_uri: str | None = None, **s
     if tracking_uri is not None:
         study["tracking"] = {"uri": tracking_uri}
     for section, values in sections.items():
-        study.setdefault(section, {}).update(values)
+        # Mapping sections are merged key by key, and lists such as datasets are replaced.
+        if isinstance(values, dict):
+            study.setdefault(section, {}).update(values)
+        else:
+            study[section] = values
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(study))
     return path
@@ -270,6 +278,7 @@ def test_runtime_env_ships_packages(tmp_path):
     env = submit.build_runtime_env(tmp_path, "hpo-x-1")
     assert env["working_dir"] == str(tmp_path)
     assert env["env_vars"]["HPO_RAY_JOB_ID"] == "hpo-x-1"
+    assert float(env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) < submit.STOP_TIMEOUT_S
     shipped = {Path(directory).name: Path(directory) for directory in env["py_modules"]}
     assert set(shipped) == {"orchestrator", "trainables", "search_spaces"}
     for directory in shipped.values():
@@ -615,8 +624,8 @@ def mlflow_server(backend_store_uri: str, directory: Path) -> Iterator[str]:
             process.wait()
 
 
-def nodes_of_job_actors(cluster: LocalRayCluster, ray_job_id: str) -> set[str]:
-    """Return the ids of the nodes that ran actors of a Ray job, read from the state API."""
+def actors_of_job(cluster: LocalRayCluster, ray_job_id: str) -> list[dict]:
+    """Return the state API's rows (class_name, state, node_id, ...) for the actors of a Ray job."""
     response = requests.get(
         f"{cluster.dashboard_url}/api/v0/actors",
         params={"detail": "1", "limit": "10000", "filter_keys": "job_id",
@@ -625,7 +634,12 @@ def nodes_of_job_actors(cluster: LocalRayCluster, ray_job_id: str) -> set[str]:
         timeout=30,
     )
     response.raise_for_status()
-    return {row["node_id"] for row in response.json()["data"]["result"]["result"] if row.get("node_id")}
+    return response.json()["data"]["result"]["result"]
+
+
+def nodes_of_job_actors(cluster: LocalRayCluster, ray_job_id: str) -> set[str]:
+    """Return the ids of the nodes that ran actors of a Ray job, read from the state API."""
+    return {row["node_id"] for row in actors_of_job(cluster, ray_job_id) if row.get("node_id")}
 
 
 @pytest.mark.slow
@@ -678,3 +692,137 @@ def test_submit_study_end_to_end(ray_two_nodes, tmp_path, capsys, monkeypatch):
         with open(export_dir / "table2.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))
         assert len(rows) == cells * noise_levels
+
+
+# Stopping a study --------------------------------------------------------------------------
+
+# Trials that last long enough for a stop to land in the middle of tuning. An epoch of 2,400
+# synthetic training images through a 6 x 1024 MLP took about 1.1 s on one core of the
+# two-core test machine (PyTorch 2.14 on CPU), so a trial of 30 epochs takes over 30 s.
+LONG_TRIALS = {
+    "datasets": ["synthetic"],
+    "model_options": {"mlp": {"depth": 6, "width": 1024}},
+    "data": {"subset": None},
+    "training": {"epochs": 30},
+    "tuning": {"num_samples": 4, "max_epochs": 30},
+}
+# MLflow statuses of a run that a stop ended.
+STOPPED_RUN_STATUSES = {"KILLED", "FAILED"}
+
+
+def poll(probe: Callable[[], T], done: Callable[[T], bool], timeout_s: float, interval_s: float = 1.0) -> T:
+    """Call ``probe`` every ``interval_s`` seconds until ``done`` accepts its value or ``timeout_s``
+    seconds have passed; return the last value either way."""
+    deadline = time.monotonic() + timeout_s
+    value = probe()
+    while not done(value) and time.monotonic() < deadline:
+        time.sleep(interval_s)
+        value = probe()
+    return value
+
+
+def runs_of_study(client, study: str) -> list:
+    """Return every run of the study's experiment (none while the driver has not created it)."""
+    experiment = client.get_experiment_by_name(study)
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def supervisor_log(cluster: LocalRayCluster, job_id: str) -> str:
+    """Return Ray's supervisor log of a job. It records whether the driver exited on the stop
+    signal or was killed with SIGKILL."""
+    paths = sorted(cluster.root.glob(f"*/session_latest/logs/jobs/supervisor-{job_id}.log"))
+    return "\n".join(path.read_text(errors="replace") for path in paths)
+
+
+def job_diagnostics(connection: submit.ClusterConnection, cluster: LocalRayCluster, job_id: str) -> str:
+    """Return the tails of a job's driver log and supervisor log, for assertion messages."""
+    driver_log = connection.client.get_job_logs(job_id)
+    return f"driver log:\n{driver_log[-4000:]}\nsupervisor log:\n{supervisor_log(cluster, job_id)[-2000:]}"
+
+
+@pytest.mark.slow
+def test_stop_study_mid_tuning(ray_head, tmp_path, capsys, monkeypatch):
+    """'hpo stop' on a study in the middle of tuning leaves no MLflow run RUNNING and no actor alive.
+
+    Ray 2.60 stops a job in ``JobSupervisor.run`` (ray/dashboard/modules/job/job_supervisor.py).
+    It sends SIGTERM (or the signal named by ``RAY_JOB_STOP_SIGNAL``) to the driver and to every
+    child process of the driver. It then waits ``RAY_JOB_STOP_WAIT_TIME_S`` seconds, 3 by
+    default, sends SIGKILL to the processes still alive and marks the job STOPPED. The
+    supervisor reads that variable from its own environment, which includes the env_vars of
+    the job's runtime_env. Without it the driver has 3 s to end its runs KILLED, and 'hpo stop'
+    returns only after the job is STOPPED. The supervisor sends no signal to the trial actors,
+    because Ray ends them when their job's driver exits.
+    """
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head.token)
+    monkeypatch.setenv("RAY_ADDRESS", ray_head.dashboard_url)
+    name = unique("stop")
+
+    with postgres_database("hpo_stop") as database, mlflow_server(database, tmp_path / "mlflow") as tracking_uri:
+        study = write_study(
+            tmp_path, name, tracking_uri=tracking_uri, storage={"path": str(tmp_path / "ray_results")}, **LONG_TRIALS
+        )
+        connection = submit.connect(ray_head.dashboard_url, submit.resolve_token(None))
+        client = MlflowClient(tracking_uri)
+
+        # Submit without waiting.
+        code, out, err = run_hpo(capsys, "submit", str(study))
+        assert code == 0, err
+        job_id = re.search(r"^submitted study \S+ as Ray job (\S+)$", out, re.MULTILINE).group(1)
+
+        # Wait until a trial is training. The first trial run appeared 20 to 30 s after the
+        # submission on the two-core test machine, and 180 s leave room for a busier one.
+        def running_trials() -> list:
+            return [
+                run for run in runs_of_study(client, name)
+                if run.data.tags.get("phase") == "tune" and run.info.status == "RUNNING"
+            ]
+
+        trials_before_stop = poll(running_trials, bool, timeout_s=180)
+        assert trials_before_stop, f"no trial run RUNNING after 180 s\n{job_diagnostics(connection, ray_head, job_id)}"
+        (job,) = jobs_of_study(ray_head, name)
+        assert job["status"] == "RUNNING"
+        ray_job_id = job["job_id"]
+        assert actors_of_job(ray_head, ray_job_id), "the job has no actor although a trial is running"
+
+        # Stop the job. 'hpo stop' returns once Ray reports that it ended.
+        code, out, err = run_hpo(capsys, "stop", job_id)
+        assert code == 0, err
+        assert out.strip() == f"job {job_id}: STOPPED"
+        code, status_out, _ = run_hpo(capsys, "status", job_id)
+        assert code == 0
+        assert re.search(r"^status:\s+STOPPED$", status_out, re.MULTILINE)
+        diagnostics = job_diagnostics(connection, ray_head, job_id)
+
+        # No run of the study is left RUNNING. The study, its cell and the trials that were
+        # running ended KILLED or FAILED.
+        runs = poll(
+            lambda: runs_of_study(client, name),
+            lambda found: not any(run.info.status == "RUNNING" for run in found),
+            timeout_s=60,
+        )
+        still_running = [(run.data.tags.get("phase"), run.info.run_name) for run in runs if run.info.status == "RUNNING"]
+        assert still_running == [], f"runs still RUNNING 60 s after the stop\n{diagnostics}"
+        phases: dict[str, list] = {}
+        for run in runs:
+            phases.setdefault(run.data.tags.get("phase"), []).append(run)
+        (study_run,) = phases["study"]
+        assert study_run.data.tags["ray_job_id"] == job_id
+        assert study_run.info.status in STOPPED_RUN_STATUSES, diagnostics
+        (cell_run,) = phases["cell"]
+        assert cell_run.info.status in STOPPED_RUN_STATUSES, diagnostics
+        status_by_run = {run.info.run_id: run.info.status for run in runs}
+        for trial in trials_before_stop:
+            assert status_by_run[trial.info.run_id] in STOPPED_RUN_STATUSES, (trial.info.run_name, diagnostics)
+
+        # Every actor of the job, the trials included, is dead.
+        actors = poll(
+            lambda: actors_of_job(ray_head, ray_job_id),
+            lambda rows: all(row["state"] == "DEAD" for row in rows),
+            timeout_s=60,
+        )
+        alive = [(row["class_name"], row["state"]) for row in actors if row["state"] != "DEAD"]
+        assert alive == [], f"actors of job {job_id} not DEAD 60 s after the stop\n{diagnostics}"
