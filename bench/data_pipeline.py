@@ -161,7 +161,7 @@ def main() -> None:
                         bundle.eval_images, bundle.eval_labels, 10, bundle.mean, bundle.std)
 
     # Each repeat times our epoch and theirs back to back, so that a change in machine
-    # load hits both alike; the medians over repeats are compared.
+    # load hits both alike. The medians over repeats are compared.
     rows = []
     cases = [
         ("MLP 3x512, 60000 images", "mlp", MLP_OPTIONS, bundle, raw_images, raw_labels),

@@ -259,7 +259,7 @@ class TrackingJournal:
         self.path = Path(path)
 
     def load(self) -> list[dict[str, Any]]:
-        """Return the writes in the file, oldest first; an absent file holds none."""
+        """Return the writes in the file, oldest first; an absent file contains none."""
         if not self.path.exists():
             return []
         operations = []
@@ -313,7 +313,7 @@ class StudyInterrupted(BaseException):
 
     A ``BaseException`` like ``KeyboardInterrupt``, so that no ``except Exception`` in Ray
     or MLflow swallows it. ``exit_code`` is 128 + the signal number (130 for SIGINT, 143
-    for SIGTERM). ``hint`` says how to continue the study.
+    for SIGTERM). ``hint`` is the command that continues the study.
     """
 
     def __init__(self, signum: int, hint: str = ""):

@@ -80,7 +80,7 @@ STUDY_FILE_METADATA_KEY = "hpo.study_file"
 JOB_ID_VARIABLE = "HPO_RAY_JOB_ID"
 # Ray's job supervisor sends SIGTERM on a stop and SIGKILL this many seconds later (3 by
 # default in Ray 2.60). Marking runs KILLED and shutting trials down takes longer, so the
-# grace period is raised; it must stay below STOP_TIMEOUT_S so that `hpo stop` observes the end.
+# grace period is raised. It must stay below STOP_TIMEOUT_S so that `hpo stop` observes the end.
 STOP_GRACE_S = 45
 
 # Sources of the address and the token, in the order they are tried.

@@ -16,7 +16,7 @@ Every run gets a fresh MLflow run; params are never rewritten. Nested configurat
 into a JSON artifact because MLflow limits the length of a param value.
 
 When the store is unreachable, writes wait in a buffer and a journal file and are
-delivered with backoff once it answers again (see ``Tracker``). MLflow's own clients
+delivered with backoff once it responds again (see ``Tracker``). MLflow's own clients
 retry for minutes before they fail, so this module lowers their limits to let the
 ``Tracker`` decide: ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` 0, ``MLFLOW_HTTP_REQUEST_TIMEOUT``
 10 s and libpq's ``PGCONNECT_TIMEOUT`` 10 s, unless the environment sets them.
@@ -87,7 +87,7 @@ def check_store_reachable(uri: str, timeout: float = 10.0) -> None:
     """Raise TrackingError unless the tracking store at ``uri`` responds within ``timeout`` s.
 
     SQLite needs a writable directory; other databases must accept a connection; an MLflow
-    server must answer its ``/health`` endpoint. The check is done here, quickly, because
+    server must respond on its ``/health`` endpoint. The check is done here, quickly, because
     MLflow's own clients retry a refused connection for minutes before failing.
     """
     scheme = uri.split(":", 1)[0]
@@ -179,7 +179,7 @@ def scalar_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]
     """Flatten a nested config into MLflow params, keeping only scalar values.
 
     Lists and values longer than MLflow's limit are left out; the JSON artifact logged
-    next to them holds the whole config.
+    next to them contains the whole config.
     """
     params: dict[str, str] = {}
     for key, value in config.items():

@@ -67,7 +67,7 @@ TRIAL_STATUS_TAG = "trial_status"
 
 @dataclass(frozen=True)
 class TuningSettings:
-    """What the study file says about tuning one cell."""
+    """Tuning settings of one cell, taken from the study file."""
 
     preset: str
     scheduler: str | None

@@ -177,7 +177,7 @@ class Trainer:
 
     ``state_dict`` contains everything needed to continue exactly: model, optimizer, scheduler,
     the number of epochs done and the RNG state. The batch order of each epoch depends only
-    on (seed, epoch), so an interrupted and resumed run sees the same batches.
+    on (seed, epoch), so an interrupted and resumed run gets the same batches.
     """
 
     def __init__(self, setup: TrainingSetup, hyperparameters: Mapping[str, Any]):
@@ -326,7 +326,7 @@ class Trainer:
     def save(self, directory: str | os.PathLike, extra: Any = None) -> None:
         """Write the state, and ``extra`` data beside it, into ``directory`` atomically.
 
-        One file holds both, so a process killed while saving leaves the previous
+        One file contains both, so a process killed while saving leaves the previous
         checkpoint whole and never a state and an ``extra`` from different epochs.
         """
         path = os.path.join(directory, CHECKPOINT_FILE)
@@ -439,7 +439,7 @@ def retrain(
     """Train a winner on the whole training set under label noise and evaluate it.
 
     The noisy labels depend only on (clean labels, eta, number of classes, ``noise_seed``),
-    so every loss and model of a study sees the same corrupted set; ``seed`` sets the
+    so every loss and model of a study trains on the same corrupted set; ``seed`` sets the
     initialisation and batch order. With ``checkpoint_dir`` the run saves after every epoch
     and continues from there when called again. Returns plain data: test accuracy and loss,
     the per-epoch history (``eval_*`` is the test set), the noise record, and the

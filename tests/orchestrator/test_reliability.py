@@ -237,7 +237,8 @@ def test_journal_keeps_writes_and_resume_delivers_them(tmp_path):
     assert tracker.outage_exceeded()
     with pytest.raises(TrackingUnavailableError) as raised:
         tracker.flush()
-    assert str(journal) in str(raised.value) and OUTAGE_LIMIT_ENV in str(raised.value)
+    assert str(journal) in str(raised.value)
+    assert OUTAGE_LIMIT_ENV in str(raised.value)
     tracker.close()
     assert len(journal.read_text().splitlines()) == 7
     assert store.search_runs([tracker.experiment_id], "tags.phase = 'cell'") == []
@@ -298,7 +299,8 @@ def test_failed_trials_and_retrains_retried_or_reported(local_ray, tmp_path, mon
 
     # The trial that raised once: retried from its epoch-1 checkpoint and finished.
     flaky = holder(str(faults), "flaky")
-    assert flaky in trials and flaky != broken
+    assert flaky in trials
+    assert flaky != broken
     assert trials[flaky].info.status == "FINISHED"
     assert trials[flaky].data.tags["retries"] == "1"
     assert 1 in attempts(str(faults), flaky)[1:]
@@ -512,7 +514,8 @@ def test_sigterm_stops_cleanly(tmp_path):
         process = StudyProcess(["run", str(study_path)], tmp_path / "run.log", environment)
         deadline = time.monotonic() + PROCESS_TIMEOUT_S
         while unfinished_trial_runs(study_dir) == 0:
-            assert process.process.poll() is None and time.monotonic() < deadline, process.tail()
+            assert process.process.poll() is None, process.tail()
+            assert time.monotonic() < deadline, process.tail()
             time.sleep(0.2)
         started = marked_processes(marker)
         assert len(started) >= 4, describe_processes(started)
@@ -624,8 +627,10 @@ def test_tracking_server_outage_loses_nothing(local_ray, tmp_path, monkeypatch, 
             # Every result reached MLflow: trials with full curves, retrains, the table.
             runs = runs_by_phase(server.uri, name)
             assert_nothing_running(runs)
-            assert len(runs["study"]) == 1 and runs["study"][0].info.status == "FINISHED"
-            assert len(runs["cell"]) == 1 and runs["cell"][0].info.status == "FINISHED"
+            assert len(runs["study"]) == 1
+            assert runs["study"][0].info.status == "FINISHED"
+            assert len(runs["cell"]) == 1
+            assert runs["cell"][0].info.status == "FINISHED"
             assert len(runs["tune"]) == 4
             assert len(ended_trials(runs)) == 4
             assert_complete_curves(server.uri, runs["tune"])
