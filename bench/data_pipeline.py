@@ -1,25 +1,33 @@
 """Data-pipeline benchmark: our in-memory tensor pipeline against a per-sample torchvision one.
 
-Measured in one process on real Fashion-MNIST:
+Measured in one run on real Fashion-MNIST:
 
 1. One training epoch fed by our pipeline against the same epoch fed by the per-sample
    pipeline of the authors' code. Ours prepares uint8 tensors once at the model's input
    shape, cuts batches by indexing and normalises each batch. Theirs runs PIL
    Grayscale(3), Resize(32), ToTensor and Normalize per image, through a DataLoader with 2
-   worker processes. Same model, same input shape
-   (3 x 32 x 32), same batch size, same optimizer.
+   worker processes. Same model, same input shape (3 x 32 x 32), same batch size, same
+   optimizer. On a CPU the model's own compute is part of both epochs, so the speed-up
+   shrinks as the model grows. The default MLP sizes are the demo study's 3x256 and the
+   3x512 of the trial-function comparison.
 2. The epoch time of the Ray Tune trial function (reporting and checkpointing included)
-   against a plain PyTorch loop over the same tensors and model.
+   against a plain PyTorch loop over the same tensors and model. The plain loop runs
+   twice: with glibc's default allocator settings, and in a child process with the
+   settings that trial workers apply (``trainables.allocator``), so that the ratio
+   against the second isolates what the trial function adds.
 
-Run: ``python -m bench.data_pipeline [--resnet-images N] [--repeats K]``. Prints a Markdown
-table of seconds per epoch and the ratios. ResNet18 epochs on a CPU take minutes, so they
-run over the first ``--resnet-images`` training images, the same for both pipelines.
+Run: ``python -m bench.data_pipeline [--mlp DEPTHxWIDTH ...] [--resnet-images N]
+[--repeats K] [--only pipeline|trial]``. Prints Markdown tables of seconds per epoch and
+the ratios. ResNet18 epochs on a CPU take minutes, so they run over the first
+``--resnet-images`` training images, the same for both pipelines.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import logging
+import multiprocessing
 import os
 import statistics
 import tempfile
@@ -28,6 +36,7 @@ import time
 import numpy as np
 import torch
 
+from trainables.allocator import keep_freed_memory
 from trainables.data import prepare_dataset
 from trainables.models import build_model
 from trainables.train import DataBundle, Trainer, TrainingSetup, place_data
@@ -148,26 +157,31 @@ def trial_function_epochs(bundle: DataBundle, options: dict, epochs: int) -> lis
         ray.shutdown()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default=os.path.expanduser("~/.cache/hpo/data"), help="data root")
-    parser.add_argument("--resnet-images", type=int, default=1024, help="training images per ResNet18 epoch")
-    parser.add_argument("--repeats", type=int, default=3, help="epochs timed per configuration (median)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+def plain_loop_epochs_kept_memory(root: str, epochs: int) -> list[float]:
+    """Time plain-loop epochs in a process whose allocator keeps freed memory, as trial workers do.
 
-    bundle, raw_images, raw_labels = load_arrays(args.root)
-    subset = DataBundle(bundle.train_images[: args.resnet_images], bundle.train_labels[: args.resnet_images],
-                        bundle.eval_images, bundle.eval_labels, 10, bundle.mean, bundle.std)
+    The setting cannot be undone, so it runs in a child process of its own.
+    """
+    bundle, _, _ = load_arrays(root)
+    keep_freed_memory()
+    return [plain_loop_epoch(bundle, MLP_OPTIONS) for _ in range(epochs)]
+
+
+def compare_pipelines(args: argparse.Namespace, bundle: DataBundle, raw_images: np.ndarray,
+                      raw_labels: np.ndarray) -> None:
+    cases = []
+    for depth, width in args.mlp:
+        options = {"depth": depth, "width": width}
+        cases.append((f"MLP {depth}x{width}, 60000 images", "mlp", options, bundle, raw_images, raw_labels))
+    if args.resnet_images > 0:
+        count = args.resnet_images
+        subset = DataBundle(bundle.train_images[:count], bundle.train_labels[:count],
+                            bundle.eval_images, bundle.eval_labels, 10, bundle.mean, bundle.std)
+        cases.append((f"ResNet18, {count} images", "resnet18", {}, subset, raw_images[:count], raw_labels[:count]))
 
     # Each repeat times our epoch and theirs back to back, so that a change in machine
     # load hits both alike. The medians over repeats are compared.
     rows = []
-    cases = [
-        ("MLP 3x512, 60000 images", "mlp", MLP_OPTIONS, bundle, raw_images, raw_labels),
-        (f"ResNet18, {args.resnet_images} images", "resnet18", {}, subset,
-         raw_images[: args.resnet_images], raw_labels[: args.resnet_images]),
-    ]
     for label, model_name, options, data, images, labels in cases:
         ours, theirs = [], []
         for _ in range(args.repeats):
@@ -175,26 +189,66 @@ def main() -> None:
             theirs.append(torchvision_epoch(model_name, images, labels, options))
         rows.append((label, statistics.median(ours), statistics.median(theirs)))
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     print("| model, epoch | tensor pipeline (s) | per-sample torchvision (s) | speed-up |")
     print("|---|---|---|---|")
     for label, ours, theirs in rows:
         print(f"| {label} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.1f}x |")
-
-    # Alternate the two so that a change in machine load hits both alike. The first epoch
-    # of each round warms up allocators and is left out.
-    plain = []
-    trial = []
-    for _ in range(args.repeats):
-        plain.extend([plain_loop_epoch(bundle, MLP_OPTIONS) for _ in range(3)][1:])
-        trial.extend(trial_function_epochs(bundle, MLP_OPTIONS, 3)[1:])
-    plain_median = statistics.median(plain)
-    trial_median = statistics.median(trial)
     print()
-    print("| MLP 3x512 epoch incl. validation | seconds | throughput vs plain loop |")
+
+
+def compare_trial_function(args: argparse.Namespace, bundle: DataBundle) -> None:
+    # Rounds alternate the default-allocator loop, the kept-memory loop and the trial, so
+    # that a change in machine load hits all three alike. The first epoch of each round
+    # warms up allocators and is left out. This process keeps
+    # glibc's default allocator settings for the plain loop as users write it, and a
+    # child process times the same loop with the settings that trial workers apply.
+    plain, plain_kept, trial = [], [], []
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as child:
+        for _ in range(args.repeats):
+            plain.extend([plain_loop_epoch(bundle, MLP_OPTIONS) for _ in range(3)][1:])
+            plain_kept.extend(child.submit(plain_loop_epochs_kept_memory, args.root, 3).result()[1:])
+            trial.extend(trial_function_epochs(bundle, MLP_OPTIONS, 3)[1:])
+    plain_median = statistics.median(plain)
+    kept_median = statistics.median(plain_kept)
+    trial_median = statistics.median(trial)
+
+    print("| MLP 3x512 epoch incl. validation | seconds | plain loop / trial function |")
     print("|---|---|---|")
-    print(f"| plain PyTorch loop | {plain_median:.2f} | 1.00 |")
-    print(f"| trial function (checkpoint + report) | {trial_median:.2f} | {plain_median / trial_median:.2f} |")
+    print(f"| plain PyTorch loop, default allocator | {plain_median:.2f} | {plain_median / trial_median:.2f} |")
+    print(f"| plain PyTorch loop, freed memory kept | {kept_median:.2f} | {kept_median / trial_median:.2f} |")
+    print(f"| trial function (checkpoint + report) | {trial_median:.2f} | 1.00 |")
+
+
+def mlp_size(text: str) -> tuple[int, int]:
+    """Parse ``DEPTHxWIDTH`` (for example ``3x256``) into (depth, width)."""
+    depth, separator, width = text.partition("x")
+    if not (separator and depth.isdigit() and width.isdigit() and int(depth) > 0 and int(width) > 0):
+        raise argparse.ArgumentTypeError(f"invalid MLP size {text!r}: expected DEPTHxWIDTH, for example 3x256")
+    return int(depth), int(width)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=os.path.expanduser("~/.cache/hpo/data"), help="data root")
+    parser.add_argument("--mlp", type=mlp_size, action="append",
+                        help="MLP size DEPTHxWIDTH for the pipeline comparison, repeatable (default: 3x256 and 3x512)")
+    parser.add_argument("--resnet-images", type=int, default=1024,
+                        help="training images per ResNet18 epoch; 0 leaves ResNet18 out")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds per comparison; the tables show the median epoch time")
+    parser.add_argument("--only", choices=("pipeline", "trial"),
+                        help="run only the pipeline comparison or only the trial-function one")
+    args = parser.parse_args()
+    args.mlp = args.mlp or [(3, 256), (3, 512)]
+    logging.basicConfig(level=logging.WARNING)
+
+    bundle, raw_images, raw_labels = load_arrays(args.root)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    if args.only != "trial":
+        compare_pipelines(args, bundle, raw_images, raw_labels)
+    if args.only != "pipeline":
+        compare_trial_function(args, bundle)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import ray
 import torch
 
 from orchestrator.reliability import FailureHistory, describe_failure, raise_if_stopped, stop_requested
+from trainables.allocator import keep_freed_memory
 from trainables.train import CHECKPOINT_FILE, TrainingSetup, retrain
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class RetrainOutcome:
 
 def _run_retrain(job: RetrainJob, data, retrain_function: Callable[..., dict[str, Any]] = retrain) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO)
+    keep_freed_memory()
     if job.checkpoint_dir is not None:
         repair_checkpoint(job.checkpoint_dir)
     return retrain_function(

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainables.allocator import keep_freed_memory
 from trainables.errors import SpecError
 from trainables.losses import build_loss, loss_hyperparameter
 from trainables.metrics import memorization, nc1
@@ -402,10 +403,12 @@ def tune_trial(config: dict[str, Any], setup: TrainingSetup, data: DataBundle) -
     Use it as ``tune.with_parameters(tune_trial, setup=setup, data=bundle)``, so that the
     data travel through Ray's object store. A trial restored from a checkpoint continues
     at the next epoch with the same weights, optimizer state and batch order. A trial whose
-    loss diverges reports that epoch with ``diverged=True`` and stops.
+    loss diverges reports that epoch with ``diverged=True`` and stops. The trial's worker
+    process keeps freed host memory for reuse (see ``trainables.allocator``).
     """
     from ray import tune
 
+    keep_freed_memory()
     trainer = Trainer(setup, config)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
