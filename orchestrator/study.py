@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from orchestrator.reliability import (
 from orchestrator.retrain import RetrainJob, RetrainOutcome, checkpoint_directory, run_retrains
 from orchestrator.selection import TRIAL_STATUSES, TrialRecord
 from orchestrator.spec import Cell, StudySpec
+from orchestrator.submit import JOB_ID_VARIABLE
 from orchestrator.tracking import PHASE_CELL, PHASE_RETRAIN, PHASE_STUDY, PHASE_TUNE, Tracker, plain, write_json
 from orchestrator.tuning import TRIAL_CONFIG_TAG, TRIAL_STATUS_TAG, TuningSettings, storage_uri, tune_cell
 from trainables.data import PreparedData, input_shape, prepare_dataset, stratified_split, stratified_subset
@@ -319,6 +321,22 @@ def call_with_tracking_retry(tracker: Tracker, function: Callable[[], Any]) -> A
 # --- Pipeline ----------------------------------------------------------------------------
 
 
+def submitted_job_id() -> str | None:
+    """Return the submission id when this process is the driver of a job that ``hpo submit`` started."""
+    return os.environ.get(JOB_ID_VARIABLE) or None
+
+
+def resume_command(study_file: str) -> str:
+    """Return the command that continues the study, as its user types it.
+
+    The driver of a submitted job runs on the cluster, but its user resubmits from the
+    machine that submitted it, so there the command is ``hpo submit``.
+    """
+    if submitted_job_id() is not None:
+        return f"hpo submit {study_file} --resume"
+    return f"hpo run {study_file} --resume"
+
+
 class StudyRunner:
     """Runs one study from a validated spec; see the module docstring for the steps.
 
@@ -353,7 +371,7 @@ class StudyRunner:
             raise SpecError(
                 f"study {self.spec.name} already has runs in experiment {self.spec.experiment_name} "
                 f"at {self.spec.resolved_tracking_uri} (run {existing.info.run_id}); "
-                f"continue it with 'hpo run {self.spec.source} --resume' or choose another name"
+                f"continue it with '{resume_command(self.spec.source)}' or choose another name"
             )
         self.existing_run = existing
         import ray
@@ -390,7 +408,9 @@ class StudyRunner:
 
     def resume_hint(self) -> str:
         """Return the commands that continue this study."""
-        return f"continue with 'hpo run {self.spec.source} --resume' or 'hpo resume {self.directory}'"
+        if submitted_job_id() is not None:
+            return f"continue with '{resume_command(self.spec.source)}'"
+        return f"continue with '{resume_command(self.spec.source)}' or 'hpo resume {self.directory}'"
 
     def run(self) -> StudySummary:
         """Run the whole study and return its summary; preflight must have passed."""

@@ -164,7 +164,15 @@ def test_second_run_refused_then_resume_skips(local_ray, tmp_path, monkeypatch, 
     assert main(["run", str(study_path)]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1
-    assert "--resume" in error
+    assert f"'hpo run {study_path} --resume'" in error
+
+    # The driver of a submitted job names the command its user runs on the workstation.
+    with monkeypatch.context() as job:
+        job.setenv("HPO_RAY_JOB_ID", "hpo-tiny-1")
+        assert main(["run", str(study_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert f"'hpo submit {study_path} --resume'" in error
 
     assert main(["run", str(study_path), "--resume"]) == 0
     output = capsys.readouterr().out
