@@ -10,6 +10,8 @@ import torch
 
 from trainables.data import input_shape, prepare_dataset
 from trainables.errors import SpecError
+from trainables.losses import available_losses, loss_hyperparameter
+from trainables.models import available_models
 from trainables.train import (
     DataBundle,
     Trainer,
@@ -136,6 +138,31 @@ def test_retrain_noise_independent_of_training_seed(synthetic):
     second = retrain(setup, HYPERPARAMETERS, synthetic, eta=0.3, seed=1, noise_seed=7)
     assert first["noise"]["sha256"] == second["noise"]["sha256"]
     assert first["noise"]["num_flipped"] > 0
+
+
+def test_noise_same_for_every_loss_and_model(tmp_path):
+    # 256 training images keep one epoch of ResNet18 and VGG13 short on a CPU.
+    shas = {}
+    for model in available_models():
+        shape = input_shape("synthetic", model)
+        prepared = prepare_dataset("synthetic", tmp_path, shape)
+        data = DataBundle(
+            prepared.train_images.numpy()[:256], prepared.train_labels.numpy()[:256],
+            prepared.test_images.numpy()[:128], prepared.test_labels.numpy()[:128],
+            prepared.num_classes, prepared.mean, prepared.std,
+        )
+        losses = available_losses() if model == "mlp" else ["ce"]
+        for loss in losses:
+            setup = TrainingSetup("synthetic", model, loss, 10, shape, epochs=1, batch_size=128)
+            hyperparameters = dict(HYPERPARAMETERS)
+            if loss_hyperparameter(loss) is not None:
+                hyperparameters[loss_hyperparameter(loss)] = 0.1
+            result = retrain(setup, hyperparameters, data, eta=0.3, seed=0, noise_seed=5)
+            shas[(model, loss)] = result["noise"]["sha256"]
+
+    assert set(available_models()) <= {model for model, _ in shas}
+    assert set(available_losses()) <= {loss for _, loss in shas}
+    assert len(set(shas.values())) == 1, shas
 
 
 def test_retrain_deterministic_for_seed(synthetic):
