@@ -30,9 +30,8 @@ from orchestrator.errors import RunFailedError
 
 logger = logging.getLogger(__name__)
 
-# Seconds the driver keeps retrying an unreachable tracking store before the study stops.
-# NOTE: this is an environment variable because the study file has no field for it yet.
-# A ``tracking.outage_limit_s`` field in the study file would be the natural home.
+# Seconds the driver keeps retrying an unreachable tracking store before the study stops,
+# when the study file leaves ``tracking.outage_limit_s`` unset.
 OUTAGE_LIMIT_ENV = "HPO_TRACKING_OUTAGE_LIMIT_S"
 DEFAULT_OUTAGE_LIMIT_S = 600.0
 

@@ -196,6 +196,9 @@ class TrackingSpec:
     uri: str | None = None
     # Experiment name. Parsing fills in the study name when absent.
     experiment: str | None = None
+    # Seconds the driver keeps retrying an unreachable store before the study stops. Null
+    # takes HPO_TRACKING_OUTAGE_LIMIT_S from the environment, or 600.
+    outage_limit_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -1009,7 +1012,10 @@ def _parse_tracking(node: _Node, name: str, directory: str) -> TrackingSpec:
         )
         raise node.fail("uri", message)
     experiment = node.string("experiment", None, example="my-experiment", nullable=True)
-    return TrackingSpec(uri=uri, experiment=experiment or name)
+    outage_limit_s = None
+    if node.mapping.get("outage_limit_s") is not None:
+        outage_limit_s = float(node.number("outage_limit_s", 600.0, low=0.0, include_low=False))
+    return TrackingSpec(uri=uri, experiment=experiment or name, outage_limit_s=outage_limit_s)
 
 
 def _parse_storage(node: _Node, directory: str) -> StorageSpec:

@@ -43,7 +43,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 from orchestrator.errors import TrackingError
 from orchestrator.reliability import (
-    OUTAGE_LIMIT_ENV,
     RetryPolicy,
     TrackingJournal,
     TrackingUnavailableError,
@@ -431,7 +430,7 @@ class Tracker:
         kept = self.journal.path if self.journal is not None else "memory"
         return TrackingUnavailableError(
             f"tracking store {redact_uri(self.uri)} unreachable for {elapsed_since(self._outage_since):.0f} s "
-            f"(limit {self.policy.limit_s:.0f} s, set {OUTAGE_LIMIT_ENV} to wait longer); "
+            f"(limit {self.policy.limit_s:.0f} s, set tracking.outage_limit_s in the study file to wait longer); "
             f"{len(self._pending)} writes are kept in {kept}; resume the study once the store responds"
         )
 

@@ -50,7 +50,8 @@ from orchestrator.reliability import (
     outage_limit_from_environment,
     stop_requested,
 )
-from orchestrator.spec import load_study
+from orchestrator.preflight import open_tracking
+from orchestrator.spec import load_study, parse_study
 from orchestrator.study import run_study
 from orchestrator.tracking import Tracker
 from tests.postgres import postgres_database
@@ -173,6 +174,28 @@ def test_outage_limit_default_and_value():
     assert outage_limit_from_environment({OUTAGE_LIMIT_ENV: "45"}) == 45.0
 
 
+@pytest.mark.parametrize("in_file, in_environment, expected", [
+    (None, None, DEFAULT_OUTAGE_LIMIT_S),
+    (None, "45", 45.0),
+    (30, "45", 30.0),
+    (30, None, 30.0),
+])
+def test_tracker_outage_limit_sources(tmp_path, monkeypatch, in_file, in_environment, expected):
+    if in_environment is None:
+        monkeypatch.delenv(OUTAGE_LIMIT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(OUTAGE_LIMIT_ENV, in_environment)
+    spec = parse_study({
+        "name": "limits", "directory": str(tmp_path / "study"),
+        "tracking": {"outage_limit_s": in_file},
+    })
+    tracker = open_tracking(spec)
+    try:
+        assert tracker.policy.limit_s == expected
+    finally:
+        tracker.close()
+
+
 def test_transient_tracking_errors():
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
@@ -238,7 +261,7 @@ def test_journal_keeps_writes_and_resume_delivers_them(tmp_path):
     with pytest.raises(TrackingUnavailableError) as raised:
         tracker.flush()
     assert str(journal) in str(raised.value)
-    assert OUTAGE_LIMIT_ENV in str(raised.value)
+    assert "tracking.outage_limit_s" in str(raised.value)
     tracker.close()
     assert len(journal.read_text().splitlines()) == 7
     assert store.search_runs([tracker.experiment_id], "tags.phase = 'cell'") == []

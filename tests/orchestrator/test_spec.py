@@ -127,6 +127,7 @@ def test_defaults_filled_in(workdir: Path) -> None:
     assert spec.resources.gpus_per_trial == 0
     assert spec.tracking.uri == f"sqlite:///{workdir}/runs/s/mlflow.db"
     assert spec.tracking.experiment == "s"
+    assert spec.tracking.outage_limit_s is None
     assert spec.storage.path == str(workdir / "runs" / "s" / "ray_results")
     assert spec.cluster.address is None
     assert spec.retries.max_failures == 2
@@ -187,7 +188,7 @@ def test_to_dict_round_trip_custom(tmp_path: Path) -> None:
             "max_epochs": 5,
         },
         retrain={"noise_levels": [0.2], "seeds": [7], "noise_kind": "flip"},
-        tracking={"uri": "http://127.0.0.1:5000", "experiment": "other"},
+        tracking={"uri": "http://127.0.0.1:5000", "experiment": "other", "outage_limit_s": 90},
         storage={"path": "s3://bucket/prefix"},
         cluster={"address": "ray://head:10001"},
     )
@@ -564,6 +565,14 @@ BAD_STUDIES = {
     "tracking uri without scheme": (
         _study(tracking={"uri": "mlruns"}),
         ["tracking.uri has no scheme, got 'mlruns'", "http://HOST:5000"],
+    ),
+    "outage limit zero": (
+        _study(tracking={"outage_limit_s": 0}),
+        ["tracking.outage_limit_s must be a number > 0, got 0", "600"],
+    ),
+    "outage limit text": (
+        _study(tracking={"outage_limit_s": "ten minutes"}),
+        ["tracking.outage_limit_s must be a number > 0, got 'ten minutes'"],
     ),
     "empty experiment": (
         _study(tracking={"experiment": ""}),
