@@ -48,12 +48,12 @@ def glibc_linux() -> bool:
 @pytest.mark.skipif(not glibc_linux(), reason="the settings apply only to glibc's malloc")
 def test_freed_memory_reused_without_page_faults():
     default = count_faults("default")
-    kept = count_faults("keep")
+    kept_memory = count_faults("keep")
 
-    assert kept["applied"] is True
+    assert kept_memory["applied"] is True
     # The first round maps the buffer's pages either way.
     assert min(default["faults"][1:]) >= MIN_FAULTS_PER_FRESH_BUFFER
-    assert max(kept["faults"][1:]) < MIN_FAULTS_PER_FRESH_BUFFER // 10
+    assert max(kept_memory["faults"][1:]) < MIN_FAULTS_PER_FRESH_BUFFER // 10
 
 
 def test_keep_freed_memory_without_glibc(monkeypatch):
