@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import ClusterError, SpecError
-from orchestrator.reliability import RetryPolicy, outage_limit_from_environment
+from orchestrator.reliability import RetryPolicy
 from orchestrator.spec import StudySpec
 from orchestrator.tracking import Tracker, check_store_reachable
 from search_spaces import SearchSpace, load_space
@@ -53,11 +53,10 @@ def open_tracking(spec: StudySpec) -> Tracker:
     uri = spec.resolved_tracking_uri
     check_store_reachable(uri)
     artifact_root = Path(spec.study_directory) / "mlartifacts"
+    # Without a limit in the study file the Tracker reads HPO_TRACKING_OUTAGE_LIMIT_S.
     limit_s = spec.tracking.outage_limit_s
-    if limit_s is None:
-        limit_s = outage_limit_from_environment()
-    return Tracker(uri, spec.experiment_name, spec.name, artifact_root=artifact_root,
-                   retry_policy=RetryPolicy(limit_s=limit_s))
+    policy = RetryPolicy(limit_s=limit_s) if limit_s is not None else None
+    return Tracker(uri, spec.experiment_name, spec.name, artifact_root=artifact_root, retry_policy=policy)
 
 
 def node_resources(nodes: list[Mapping[str, Any]]) -> list[dict[str, float]]:

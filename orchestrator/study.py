@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from orchestrator.reliability import (
 from orchestrator.retrain import RetrainJob, RetrainOutcome, checkpoint_directory, run_retrains
 from orchestrator.selection import TRIAL_STATUSES, TrialRecord
 from orchestrator.spec import Cell, StudySpec
-from orchestrator.submit import JOB_ID_VARIABLE
+from orchestrator.submit import submitted_job_id
 from orchestrator.tracking import PHASE_CELL, PHASE_RETRAIN, PHASE_STUDY, PHASE_TUNE, Tracker, plain, write_json
 from orchestrator.tuning import TRIAL_CONFIG_TAG, TRIAL_STATUS_TAG, TuningSettings, storage_uri, tune_cell
 from trainables.data import PreparedData, input_shape, prepare_dataset, stratified_split, stratified_subset
@@ -319,11 +318,6 @@ def call_with_tracking_retry(tracker: Tracker, function: Callable[[], Any]) -> A
 
 
 # --- Pipeline ----------------------------------------------------------------------------
-
-
-def submitted_job_id() -> str | None:
-    """Return the submission id when this process is the driver of a job that ``hpo submit`` started."""
-    return os.environ.get(JOB_ID_VARIABLE) or None
 
 
 def resume_command(study_file: str) -> str:

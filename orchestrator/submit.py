@@ -488,6 +488,11 @@ def build_runtime_env(working_dir: Path, submission_id: str) -> dict[str, Any]:
     }
 
 
+def submitted_job_id() -> str | None:
+    """Return the submission id when this process is the driver of a job that ``hpo submit`` started."""
+    return os.environ.get(JOB_ID_VARIABLE) or None
+
+
 def study_entrypoint(study_file: str, resume: bool = False) -> str:
     """Return the job's shell command that runs the study file (relative to the working dir)."""
     command = f"python -m orchestrator.cli run {shlex.quote(study_file)}"

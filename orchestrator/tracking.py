@@ -51,6 +51,7 @@ from orchestrator.reliability import (
     is_transient_tracking_error,
     outage_limit_from_environment,
 )
+from orchestrator.submit import submitted_job_id
 
 logger = logging.getLogger(__name__)
 
@@ -623,7 +624,7 @@ class Tracker:
         self.log_params(run_id, config)
         tags = {f"version.{name}": version for name, version in package_versions().items()}
         tags["git_commit"] = git_commit()
-        job_id = os.environ.get("HPO_RAY_JOB_ID") or os.environ.get("RAY_JOB_ID")
+        job_id = submitted_job_id() or os.environ.get("RAY_JOB_ID")
         if job_id:
             tags["ray_job_id"] = job_id
         self.set_tags(run_id, tags)

@@ -30,12 +30,13 @@ TRIM_THRESHOLD_BYTES = 1024 * 2**20
 def keep_freed_memory() -> bool:
     """Make malloc keep freed host memory in this process for reuse, and return whether it did.
 
-    Blocks under 256 MiB come from the heap instead of fresh mappings, and up to 1 GiB of
-    free memory stays mapped instead of going back to the kernel. The process then keeps
-    its peak host memory until it exits. Training workers reach that peak at every step,
-    so keeping it costs them nothing. Without glibc (macOS, musl) this does nothing. The
-    setting applies to the whole process, so only processes that exist to train call it:
-    the Ray Tune trial function and the retrain workers.
+    Blocks under 256 MiB come from the heap instead of fresh mappings (in threads other
+    than the main one, only blocks that fit glibc's fixed-size per-thread heaps), and up
+    to 1 GiB of free memory stays mapped instead of going back to the kernel. The process
+    then keeps its peak host memory until it exits. Training workers return to that peak
+    at every step, so keeping it costs them little. Without glibc (macOS, musl) this does
+    nothing. The setting applies to the whole process, so only processes that exist to
+    train call it: the Ray Tune trial function and the retrain workers.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

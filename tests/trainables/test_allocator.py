@@ -29,7 +29,7 @@ for _ in range(5):
 print(json.dumps({"applied": applied, "faults": faults}))
 """
 
-# With transparent huge pages the kernel maps 2 MiB per fault, so a fresh buffer takes at
+# With transparent huge pages the kernel can map 2 MiB per fault, so a fresh buffer takes at
 # least 50 faults.
 MIN_FAULTS_PER_FRESH_BUFFER = 100 * 2**20 // 2**21
 
