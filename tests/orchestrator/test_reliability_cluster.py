@@ -66,9 +66,11 @@ def wait_for_trial_on(node: RayNode, study: StudyProcess, timeout_s: float) -> N
 
 def test_lost_worker_node_during_tuning(two_nodes, tmp_path):
     name = f"lost-node-{uuid.uuid4().hex[:6]}"
-    # Trials of a few seconds, so that the node dies while one trains there.
+    # Epochs of a few seconds each, so that the node dies while a trial trains there and
+    # not after the scheduler stopped it. A width of 1024 gave trials of about 1 s, which
+    # sometimes ended before the node was killed.
     study_path = write_study(tmp_path, name, cluster={"address": two_nodes.gcs_address},
-                             model_options={"mlp": {"depth": 3, "width": 1024}}, data={"subset": None},
+                             model_options={"mlp": {"depth": 3, "width": 3072}}, data={"subset": None},
                              tuning={"num_samples": 4, "search": "random"})
     study_dir = tmp_path / name
     worker = two_nodes.nodes[1]
